@@ -1,0 +1,2 @@
+"""loaxa: commune loudspeaker controller daemon."""
+__version__ = "0.1.0"
