@@ -3,7 +3,7 @@
 # then a venv with the Python packages) before they run.
 VENV      ?= .venv
 PY        := $(VENV)/bin/python
-SYS_PKGS  := mosquitto libportaudio2 espeak-ng socat python3-venv
+SYS_PKGS  := mosquitto libportaudio2 espeak-ng socat python3-venv libfaketime
 SUDO      := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 
