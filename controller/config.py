@@ -15,6 +15,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from controller.diagnosis import DiagnosisSettings
 from controller.yamlsrc import YamlError, dotted, line_for, load_model, load_yaml
 
 Id = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,31}$")]
@@ -257,6 +258,8 @@ class Programme(Strict):
     misfire_grace_s: float = Field(60, ge=1, le=3600)
     resume: Literal["none", "resume", "rerun"] = "none"
     volume: int | None = Field(None, ge=0, le=100)
+    valid_from: dt.datetime | None = None
+    valid_until: dt.datetime | None = None
 
 
 class Timing(Strict):
@@ -313,7 +316,8 @@ class SiteConfig(Strict):
     clusters_mqtt: ClustersMqtt = ClustersMqtt()
     control: Control = Control()
     lightning_sensor: LightningSensor | None = None
-    diagnosis: dict = Field(default_factory=dict, description="overrides of diagnosis thresholds")
+    diagnosis: DiagnosisSettings = Field(default_factory=DiagnosisSettings,
+                                         description="thresholds of the fault diagnosis (docs/diagnosis.md)")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     # filled by load_site
