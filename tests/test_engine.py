@@ -85,10 +85,11 @@ def test_disjoint_ip_clusters_play_together():
 def test_cut_priority_programme_reruns_or_resumes_after_emergency():
     async def go():
         h = Harness()
-        p = h.engine.submit(h.req("notice", "priority", dur=0.4, resume="resume"))
+        first = h.engine.submit(h.req("notice", "priority", dur=0.4, resume="resume"))
         await asyncio.sleep(0.15)
         e = h.engine.submit(h.req("storm", "emergency", dur=0.1))
         await e.done
+        assert await first.done == "preempted"
         await asyncio.sleep(0.02)
         (again,) = [b for b in h.engine.active.values()]
         assert again.req.title == "notice" and 0.1 <= again.req.offset_s <= 0.25

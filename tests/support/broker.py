@@ -1,6 +1,7 @@
 """A real mosquitto on a free loopback port, stoppable and restartable (outage injection)."""
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -36,6 +37,8 @@ class Mosquitto:
             "persistence false\n"
             "log_dest stderr\n"
         )
+        if os.geteuid() == 0:  # as root mosquitto drops to its own user and could not read tmp files
+            base += "user root\n"
         if "allow_anonymous" not in self.extra_conf:
             base += "allow_anonymous true\n"
         self.conf.write_text(base + self.extra_conf)
@@ -43,8 +46,8 @@ class Mosquitto:
     def start(self, timeout: float = 5.0) -> Mosquitto:
         exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         self.write_conf()
-        logf = open(self.log, "ab")  # noqa: SIM115 - owned by the process lifetime
-        self.proc = subprocess.Popen([exe, "-c", str(self.conf)], stdout=logf, stderr=logf)
+        with open(self.log, "ab") as logf:
+            self.proc = subprocess.Popen([exe, "-c", str(self.conf)], stdout=logf, stderr=logf)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
