@@ -106,5 +106,15 @@ def profiles_check(files: tuple[str, ...]) -> None:
     sys.exit(2 if bad else 0)
 
 
+def _register_plugins() -> None:
+    from controller.centralcli import central
+    from controller.techcli import register
+
+    register(main)
+    main.add_command(central)
+
+
+_register_plugins()
+
 if __name__ == "__main__":
     main()

@@ -20,8 +20,28 @@ TIMESYNCD_FLAG = Path("/run/systemd/timesync/synchronized")
 EARLIEST_PLAUSIBLE = 1767225600  # 2026-01-01T00:00:00Z: a Pi booting at 1970 is not "synced"
 
 
+def kernel_synced() -> bool:
+    """The kernel's own verdict (adjtimex: STA_UNSYNC clear), which any NTP daemon maintains."""
+    import ctypes
+    import ctypes.util
+
+    class Timex(ctypes.Structure):
+        _fields_ = [("modes", ctypes.c_uint), ("offset", ctypes.c_long), ("freq", ctypes.c_long),
+                    ("maxerror", ctypes.c_long), ("esterror", ctypes.c_long), ("status", ctypes.c_int),
+                    ("pad", ctypes.c_long * 30)]
+
+    t = Timex()
+    rc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).adjtimex(ctypes.byref(t))
+    return rc not in (-1, 5) and not t.status & 0x40  # 5 = TIME_ERROR, 0x40 = STA_UNSYNC
+
+
 def make_check(spec: str) -> Callable[[], bool]:
-    """`timesyncd` (the flag file systemd-timesyncd touches), `none` (trust), `file:PATH`."""
+    """`auto` (timesyncd's flag where timesyncd runs, else the kernel's NTP status),
+    `timesyncd`, `kernel`, `none` (trust the clock), or `file:PATH` (a flag file)."""
+    if spec == "auto":
+        return TIMESYNCD_FLAG.exists if TIMESYNCD_FLAG.parent.is_dir() else kernel_synced
+    if spec == "kernel":
+        return kernel_synced
     if spec == "none":
         return lambda: True
     if spec.startswith("file:"):

@@ -88,7 +88,7 @@ class Central(Strict):
 
 
 class Rds(Strict):
-    port: str | None = Field(None, description="serial port of a separate UECP encoder; none = same as transmitter")
+    port: str = Field(description="serial port of the UECP RDS encoder")
     baud: int = 9600
     profile: str = "uecp-encoder"
     pi: str = Field("C201", pattern=r"^[0-9A-Fa-f]{4}$")
@@ -268,7 +268,8 @@ class Timing(Strict):
     poll_fast_s: float = Field(2, gt=0)
     poll_slow_s: float = Field(30, gt=0)
     clock_jump_s: float = Field(30, gt=0)
-    clock_check: Literal["timesyncd", "none"] | str = "timesyncd"
+    clock_check: str = Field("auto", pattern=r"^(auto|timesyncd|kernel|none|file:.+)$",
+                             description="how to know the clock is synchronised: auto, timesyncd, kernel, none, file:PATH")
 
 
 class Storage(Strict):

@@ -102,6 +102,10 @@ class Daemon:
             t.cancel()
         self.store.close()
         log.info("loaxa stopped")
+        if self.runtime is not None and getattr(self.runtime.player, "wedged", False):
+            # a thread stuck inside PortAudio would hang interpreter exit; systemd restarts us
+            log.error("audio thread wedged; exiting hard so the watchdog/systemd get a fresh audio stack")
+            os._exit(0)
         return 0
 
     def request_stop(self, why: str = "request") -> None:

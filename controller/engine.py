@@ -56,6 +56,13 @@ class Broadcast:
     task: asyncio.Task | None = None
     done: asyncio.Future | None = None
     seq: int = 0
+    # filled by the broadcast runner
+    reached: list[str] = dataclasses.field(default_factory=list)
+    unreached: list[dict] = dataclasses.field(default_factory=list)
+    started_at: str | None = None
+    ended_at: str | None = None
+    ip_stream: Any = None
+    fm_release_msgs: list | None = None
 
     @property
     def rank(self) -> int:

@@ -109,12 +109,14 @@ class ProgrammeScheduler:
                 if p.schedule is None:
                     continue
                 if p.schedule.cron:
-                    trig = CronTrigger.from_crontab(p.schedule.cron, timezone=self.tz)
+                    m, h, dom, mon, dow = p.schedule.cron.split()
+                    trig = CronTrigger(minute=m, hour=h, day=dom, month=mon, day_of_week=dow,
+                                       start_date=p.valid_from, end_date=p.valid_until, timezone=self.tz)
                     self._add(p, trig, p.id)
                 else:
                     for i, at in enumerate(p.schedule.at or []):
                         at = at if at.tzinfo else at.replace(tzinfo=self.tz)
-                        if at + dt.timedelta(seconds=p.misfire_grace_s) < now:
+                        if at + dt.timedelta(seconds=p.misfire_grace_s) < now or not _valid(p, at):
                             continue
                         self._add(p, DateTrigger(run_date=at, timezone=self.tz), f"{p.id}@{i}")
         finally:
@@ -173,3 +175,10 @@ class ProgrammeScheduler:
             "reached": [], "unreached": [], "started_at": None, "ended_at": None,
             "reason": reason, "scheduled_at": scheduled.isoformat() if scheduled else None,
         })
+
+
+def _valid(p: Programme, at: dt.datetime) -> bool:
+    def aware(x: dt.datetime | None) -> dt.datetime | None:
+        return x if x is None or x.tzinfo else x.replace(tzinfo=dt.UTC)
+    vf, vu = aware(p.valid_from), aware(p.valid_until)
+    return (vf is None or at >= vf) and (vu is None or at <= vu)

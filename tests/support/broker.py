@@ -37,7 +37,7 @@ class Mosquitto:
             "persistence false\n"
             "log_dest stderr\n"
         )
-        if os.geteuid() == 0:  # as root mosquitto drops to its own user and could not read tmp files
+        if os.geteuid() == 0 and "user " not in self.extra_conf:  # as root mosquitto drops to its own user
             base += "user root\n"
         if "allow_anonymous" not in self.extra_conf:
             base += "allow_anonymous true\n"
