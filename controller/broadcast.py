@@ -62,20 +62,33 @@ class BroadcastRunner:
                 carrier_up = await self._carrier(True, b)
                 if req.priority == "emergency" and rt.rds is not None:
                     rds_alarm = await rt.rds.emergency_on(req.title or "Canh bao khan cap")
-            if ip:
-                await self._start_ip(b, ip, audio, media_urls)
             prefix, release = self._fm_codes(b, fm) if fm else (None, None)
             if fm:
                 if carrier_up or rt.tx is None or rt.tx.reachable:
                     b.reached += fm
                 else:
                     b.unreached += [{"cluster": c, "reason": "transmitter not answering"} for c in fm]
-            for c in b.reached:
-                rt.set_cluster_playing(c, req.programme_id or b.id)
-            self._emit(b, "broadcast.started")
-            await self._play(b, audio, prefix, need_air=bool(fm))
-            if fm and release is not None and len(release):
-                await self._play_release(release)
+            if ip and not isinstance(audio, np.ndarray):
+                from controller.streams import LiveOggStream
+
+                b.ip_stream = LiveOggStream(rate=rt.cfg.audio.sample_rate)  # fed by the playout tee
+            # the air never waits for 4G acknowledgements: IP clusters are told in parallel
+            ip_task = asyncio.ensure_future(self._start_ip(b, ip, audio, media_urls)) if ip else None
+            if fm:
+                for c in b.reached:
+                    rt.set_cluster_playing(c, req.programme_id or b.id)
+                play = asyncio.ensure_future(self._play(b, audio, prefix, need_air=True))
+                await self._announce(b, ip_task)
+                try:
+                    await play
+                finally:
+                    if not play.done():
+                        play.cancel()
+                if release is not None and len(release):
+                    await self._play_release(release)
+            else:
+                await self._announce(b, ip_task)
+                await self._play(b, audio, None, need_air=False)
         except asyncio.CancelledError:
             raise
         except DeadAir as e:
@@ -85,6 +98,17 @@ class BroadcastRunner:
             b.outcome, b.reason = "failed", f"{type(e).__name__}: {e}"
         finally:
             await asyncio.shield(self._finish(b, fm, ip, media_urls, carrier_up, rds_alarm))
+
+    async def _announce(self, b: Broadcast, ip_task: asyncio.Future | None) -> None:
+        """broadcast.started once every target's fate is known (IP acks are bounded)."""
+        if ip_task is not None:
+            try:
+                await ip_task
+            except Exception as e:
+                log.error("IP clusters not started", error=str(e))
+            for c in b.reached:
+                self.rt.set_cluster_playing(c, b.req.programme_id or b.id)
+        self._emit(b, "broadcast.started")
 
     # ---- audio ---------------------------------------------------------
     async def _prepare(self, b: Broadcast) -> np.ndarray | AsyncIterator[np.ndarray]:
@@ -215,18 +239,25 @@ class BroadcastRunner:
             path = await asyncio.to_thread(self._write_ogg, b.id, audio)
             url = rt.media_server.register(path, ttl)
         else:
-            from controller.streams import LiveOggStream
-
-            b.ip_stream = LiveOggStream(rate=rt.cfg.audio.sample_rate)
             url = rt.media_server.register(b.ip_stream, ttl)
         media_urls.append(url)
         vol = b.req.volume if b.req.volume is not None else 80
-        results = await asyncio.gather(*(rt.ip_play(c, url, vol, b.id) for c in ip))
+        results = await asyncio.gather(*(self._ip_play_one(c, url, vol, b.id) for c in ip))
         for c, (ok, reason) in zip(ip, results, strict=True):
             if ok:
                 b.reached.append(c)
             else:
                 b.unreached.append({"cluster": c, "reason": reason})
+
+    async def _ip_play_one(self, cid: str, url: str, vol: int, bid: str) -> tuple[bool, str]:
+        """A cluster known to be offline is not waited for (an emergency must not stall)."""
+        v = self.rt.site.clusters.get(cid)
+        task = asyncio.ensure_future(self.rt.ip_play(cid, url, vol, bid))
+        if v is not None and v.online is False:
+            self.rt.spawn(_swallow(task), f"ip-play-{cid}")
+            return False, "offline (no sign of life since " + (
+                time.strftime("%H:%M:%S", time.localtime(v.last_seen)) if v.last_seen else "start") + ")"
+        return await task
 
     def _write_ogg(self, bid: str, audio: np.ndarray) -> str:
         d = self.rt.media_tmp_dir
@@ -306,6 +337,13 @@ class BroadcastRunner:
              outcome + (f": {b.reason}" if b.reason and outcome != "finished" else ""), b.id))
 
 
+async def _swallow(task: asyncio.Future) -> None:
+    try:
+        await task
+    except Exception:
+        pass
+
+
 async def _noop() -> None:
     return None
 
@@ -332,5 +370,9 @@ async def _drain(source, rate: int) -> None:
     if isinstance(source, np.ndarray):
         await asyncio.sleep(len(source) / rate)
         return
-    async for _ in source:
-        pass
+    t0, frames = time.monotonic(), 0
+    async for block in source:  # paced like the air would be, so IP clusters get real time
+        frames += len(block)
+        ahead = frames / rate - (time.monotonic() - t0)
+        if ahead > 0.2:
+            await asyncio.sleep(ahead - 0.1)

@@ -110,8 +110,11 @@ def _register_plugins() -> None:
     from controller.centralcli import central
     from controller.techcli import register
 
+    from device_drivers.sim.runner import simulate_cmd
+
     register(main)
     main.add_command(central)
+    main.add_command(simulate_cmd)
 
 
 _register_plugins()
