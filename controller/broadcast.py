@@ -56,12 +56,14 @@ class BroadcastRunner:
         media_urls: list[str] = []
         carrier_up = False
         rds_alarm = False
+        # synthesis/decoding runs while the carrier comes up and receivers wake
+        prep = asyncio.ensure_future(self._prepare(b))
         try:
-            audio = await self._prepare(b)
             if fm:
                 carrier_up = await self._carrier(True, b)
                 if req.priority == "emergency" and rt.rds is not None:
                     rds_alarm = await rt.rds.emergency_on(req.title or "Canh bao khan cap")
+            audio = await prep
             prefix, release = self._fm_codes(b, fm) if fm else (None, None)
             if fm:
                 if carrier_up or rt.tx is None or rt.tx.reachable:
@@ -90,6 +92,7 @@ class BroadcastRunner:
                 await self._announce(b, ip_task)
                 await self._play(b, audio, None, need_air=False)
         except asyncio.CancelledError:
+            prep.cancel()
             raise
         except DeadAir as e:
             b.outcome, b.reason = "failed", str(e)
@@ -224,8 +227,12 @@ class BroadcastRunner:
         if on:
             was_on = rt.tx.carrier_on
             ok = await rt.tx.carrier(True)
-            if ok and not was_on and rt.cfg.transmitter.preroll_s > 0:
-                await asyncio.sleep(rt.cfg.transmitter.preroll_s)
+            preroll = rt.cfg.transmitter.preroll_s
+            if b is not None and b.req.priority == "emergency" and rt.fm_spec is not None:
+                # an emergency waits only as long as the receivers need to wake
+                preroll = min(preroll, rt.fm_spec.wake_delay_ms / 1000 + 0.1)
+            if ok and not was_on and preroll > 0:
+                await asyncio.sleep(preroll)
             return ok
         if rt.cfg.transmitter.carrier == "always":
             return True

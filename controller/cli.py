@@ -109,7 +109,6 @@ def profiles_check(files: tuple[str, ...]) -> None:
 def _register_plugins() -> None:
     from controller.centralcli import central
     from controller.techcli import register
-
     from device_drivers.sim.runner import simulate_cmd
 
     register(main)

@@ -105,8 +105,12 @@ def rewrite_site(site_path: Path, out: Path, *, broker_url: str, ports: dict[str
         media = ((p.get("source") or {}).get("media")) or {}
         if media.get("path"):
             media["path"] = str((base / media["path"]).resolve())
-    if timing:
-        data["timing"] = {**(data.get("timing") or {}), **timing}
+    # the host's NTP state is an endpoint too: the simulated site's clock is trusted via a
+    # flag file in the work dir (present = synchronised), so a dev box without NTP still runs
+    # its schedule and a scenario can take the flag away
+    flag = state_dir.parent / "clock-synchronised"
+    flag.touch()
+    data["timing"] = {**(data.get("timing") or {}), "clock_check": f"file:{flag}", **(timing or {})}
     out.write_text(yaml.safe_dump(data, allow_unicode=True, sort_keys=False), encoding="utf-8")
     return data
 
