@@ -50,7 +50,10 @@ class Devices:
             self.ip_link = IpClusterLink(
                 cm.broker or cfg.central.broker, list(self.ip_drivers.values()), self._on_ip,
                 client_id=f"loaxa-{cfg.site.id}-clusters", username=cm.username,
-                password=read_secret(cm.password_file), ca_file=str(cm.ca_file) if cm.ca_file else None)
+                password=read_secret(cm.password_file), ca_file=str(cm.ca_file) if cm.ca_file else None,
+                on_link=self._ip_link_changed)
+            # until the clusters' broker answers, their silence proves nothing
+            self.rt.diagnoser.cluster_link(False)
             await self.ip_link.start()
         await self.air.start()
 
@@ -61,6 +64,10 @@ class Devices:
 
     async def protect(self, action) -> None:
         await self.air.protect(action)
+
+    def _ip_link_changed(self, up: bool) -> None:
+        log.info("clusters broker link", up=up)
+        self.rt.diagnoser.cluster_link(up)
 
     async def _on_ip(self, obs: Observation) -> None:
         rt = self.rt

@@ -53,7 +53,8 @@ FAULT_CODES = {"amplifier": "cluster.amplifier_fault", "speaker_line": "cluster.
 FIELD_CODES = ("cluster.offline", *FAULT_CODES.values())  # what a technician note touches
 # Causes that rest on evidence of the moment (a storm, a zone loss) and cannot be
 # re-derived after a restart: a later "unknown" must not overwrite them.
-_STICKY = ("lightning", "power_loss", "hardware", "vandalism_or_unknown", "link_loss")
+_STICKY = ("lightning", "power_loss", "hardware", "vandalism_or_unknown", "link_loss",
+           "subscription_expired")  # a modem's "SIM expired" report is not repeated after a restart
 _ORDER = ("subscription_expired", "power_loss", "lightning", "hardware", "link_loss",
           "vandalism_or_unknown", "unknown")
 
@@ -183,6 +184,7 @@ class Diagnoser:
         self.clock = clock or alarms.clock
         self.emit = emit or alarms.emit
         self._synced = True
+        self._link_up = True
         self._events: deque[tuple[float, str, str]] = deque(maxlen=2000)
         self._unknown_ids: set[str] = set()
         self._clusters: dict[str, _Cluster] = {}
@@ -300,7 +302,18 @@ class Diagnoser:
         kind = "unheard" if not c.heard else "clean" if loss.clean else "abrupt"
         self._events.append((loss.lost_at, c.info.id, kind))
 
+    def cluster_link(self, up: bool) -> None:
+        """The gateway's own link to the clusters' broker went down/up. While it is down,
+        silence says nothing about the clusters; when it returns, each gets a fresh window."""
+        now = self.clock()
+        self._link_up = up
+        if up:
+            for c in self._clusters.values():
+                c.last_seen = max(c.last_seen, now)
+
     def _check_heartbeats(self, now: float) -> None:
+        if not self._link_up:
+            return
         limit = self.cfg.heartbeat_timeout_s
         for c in self._clusters.values():
             if (c.info.enabled and c.info.is_monitored and c.loss is None

@@ -202,8 +202,10 @@ class IpClusterLink:
     def __init__(self, broker_url: str, drivers: list[IpClusterDriver], on_observation=None, *,
                  client_id: str = "loaxa-clusters", username: str | None = None,
                  password: str | None = None, ca_file: str | None = None,
-                 keepalive_s: int = 30, backoff_s: tuple[int, int] = (1, 30)):
+                 keepalive_s: int = 30, backoff_s: tuple[int, int] = (1, 30),
+                 on_link=None):
         self.broker_url = broker_url
+        self.on_link = on_link  # called with True/False when the broker link comes and goes
         self.drivers = {d.cluster_id: d for d in drivers}
         self._by_topic: dict[str, list[IpClusterDriver]] = {}
         for d in drivers:
@@ -281,8 +283,14 @@ class IpClusterLink:
     def _set_connected(self, up: bool) -> None:
         if up != self.connected:
             log.info("ip_link.connected" if up else "ip_link.disconnected", broker=self.broker_url)
+        changed = up != self.connected
         self.connected = up
         (self._connected_evt.set if up else self._connected_evt.clear)()
+        if changed and self.on_link is not None:
+            try:
+                self.on_link(up)
+            except Exception:
+                log.exception("ip_link.on_link_failed")
 
     def _dispatch(self, topic: str, payload: bytes) -> None:
         for d in self._by_topic.get(topic, ()):
