@@ -422,7 +422,9 @@ class Diagnoser:
             self.alarms.condition_off("cluster.subscription_expiring", cid, note="now expired")
             return
         note = f"subscription valid until {exp}" if exp else f"modem reports SIM {status}"
-        self.alarms.condition_off("cluster.subscription_expired", cid, note=note)
+        if status is not None or not self.alarms.get("cluster.subscription_expired", cid):
+            # with no word from the modem (e.g. since a restart) an expired SIM stays expired
+            self.alarms.condition_off("cluster.subscription_expired", cid, note=note)
         days = (exp - today).days if exp else None
         if days is not None and days <= self.cfg.subscription_warn_days:
             when = "today" if days == 0 else f"in {days} day{'s' if days > 1 else ''}"
@@ -474,8 +476,10 @@ class Diagnoser:
             cands.append(("power_loss", 0.75, [feed[1]], feed[2]))
         if strikes:
             conf, ev = 0.6, [self.storms.text(strikes)]
+            # transmitter alarms share the storm's incident but have no cluster
             others = sorted({a["cluster_id"] for a in self.alarms.active()
-                             if a.get("incident_id") == sid and a.get("cluster_id") != c.info.id})
+                             if a.get("incident_id") == sid and a.get("cluster_id")
+                             and a["cluster_id"] != c.info.id})
             if "surge" in c.onset:
                 conf = 0.9
                 ev.append("surge protector tripped before the loss")

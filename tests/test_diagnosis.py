@@ -563,3 +563,28 @@ def test_random_observation_sequences_never_crash_or_duplicate(steps):
                            and not any(t == "cluster.maintenance" and b["cluster_id"] == "fm01"
                                        for t, b in rig.events) for k in keys)
         rig.store.close()
+
+
+def test_storm_loss_with_a_transmitter_alarm_in_the_same_incident_does_not_crash(rig):
+    """Regression (found by the demo): a storm-tied transmitter alarm has no cluster_id."""
+    rig.run(100, each=storm(rig, [(50, 3.0), (60, 4.0)]))
+    storm_id = rig.diag.storms.storms[-1].id
+    rig.alarms.raise_("transmitter.vswr_high", None, "critical", "lightning", 0.8, ["VSWR 2.6"],
+                      incident_id=storm_id)
+    rig.see(ClusterOffline, cluster_id="ip04", clean=False)
+    rig.run(200, alive=IPS - {"ip04"})
+    assert rig.alarm("cluster.offline", "ip04")["cause"] == "lightning"
+
+
+def test_expired_sim_is_not_cleared_by_silence_after_a_restart(rig):
+    rig.run(30)
+    rig.see(ClusterTelemetry, cluster_id="ip05", fields={"sim_status": "expired"})
+    rig.run(30)
+    assert rig.alarm("cluster.subscription_expired", "ip05")
+    rig.restart()
+    rig.run(120, alive=IPS - {"ip05"})
+    assert rig.alarm("cluster.subscription_expired", "ip05"), "silence is no proof of a renewed SIM"
+    rig.see(ClusterOnline, cluster_id="ip05")
+    rig.see(ClusterTelemetry, cluster_id="ip05", fields={"sim_status": "ok"})
+    rig.run(200)
+    assert rig.alarm("cluster.subscription_expired", "ip05") is None
