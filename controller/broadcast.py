@@ -151,9 +151,13 @@ class BroadcastRunner:
 
         def on_started(t_mono: float) -> None:
             programme_starts[0] = t_mono + prefix_s
+            wall_at = time.time() + (t_mono - time.monotonic())
             if b.req.scheduled_at is not None:
-                wall_at = time.time() + (t_mono - time.monotonic())
                 self.start_errors.append(wall_at - b.req.scheduled_at.timestamp())
+            # one line per broadcast: bench/broadcast_timing.py reads when the air got it
+            log.info("on air", broadcast=b.id, priority=b.req.priority, first_sample_at=round(wall_at, 4),
+                     wake_codes_s=round(prefix_s, 3),
+                     scheduled_at=b.req.scheduled_at.timestamp() if b.req.scheduled_at else None)
 
         def on_level(dbfs: float) -> None:
             t = time.monotonic()
@@ -336,6 +340,16 @@ class BroadcastRunner:
             "ordered_by, targets, started_at, outcome) VALUES(?,?,?,?,?,?,?,?,?)",
             (b.id, req.programme_id, req.title, req.priority, req.source.kind, req.ordered_by,
              json.dumps(list(req.targets) + list(req.skipped)), b.started_at, "on_air"))
+
+    def log_skipped(self, b: Broadcast) -> None:
+        """A programme that never went on air still belongs in the log, with the reason."""
+        req = b.req
+        at = req.scheduled_at.astimezone(dt.UTC).isoformat() if req.scheduled_at else now_iso()
+        self.rt.db_write(
+            "INSERT OR REPLACE INTO broadcast_log(broadcast_id, programme_id, title, priority, source, "
+            "ordered_by, targets, started_at, ended_at, outcome) VALUES(?,?,?,?,?,?,?,?,?,?)",
+            (b.id, req.programme_id, req.title, req.priority, req.source.kind, req.ordered_by,
+             json.dumps(list(req.targets) + list(req.skipped)), at, at, f"skipped: {b.reason}"))
 
     def _log_end(self, b: Broadcast, outcome: str) -> None:
         self.rt.db_write(

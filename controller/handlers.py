@@ -42,11 +42,13 @@ def check_targets(rt: Runtime, targets: Any) -> tuple[list[str], list[str]]:
 
 def start_broadcast(rt: Runtime, *, priority: str, source: C.Source, targets: Any, ordered_by: str,
                     title: str | None = None, volume: int | None = None,
-                    max_duration_s: float | None = None) -> dict:
+                    max_duration_s: float | None = None, patience_s: float = 60.0) -> dict:
+    """Start now, preempting lower priorities; behind an equal or higher one, wait in the
+    queue up to `patience_s` (then broadcast.skipped) rather than refuse outright."""
     enabled, skipped = check_targets(rt, targets)
     req = Request(priority=priority, source=source, targets=enabled, skipped=skipped,
                   ordered_by=ordered_by, title=title or f"{priority} broadcast", volume=volume,
-                  max_duration_s=float(max_duration_s or 1800))
+                  max_duration_s=float(max_duration_s or 1800), patience_s=patience_s)
     try:
         b = rt.submit(req)
     except Busy as e:

@@ -73,7 +73,7 @@ class LocalApi:
             try:
                 r = start_broadcast(rt, priority="normal", source=src, targets=[c.id],
                                     ordered_by="local:test-cluster", title=f"test {c.id}",
-                                    max_duration_s=TEST_TONE_S + 1)
+                                    max_duration_s=TEST_TONE_S + 1, patience_s=0)
             except CommandError as e:
                 raise ControlError(e.code, e.message) from None
             b = next((x for x in rt.engine.active.values() if x.id == r["broadcast_id"]), None)
@@ -92,7 +92,7 @@ class LocalApi:
         spec = rt.fm_spec
         plan = plan_codes({c.id}, addresses_from_site([x for x in rt.cfg.clusters if x.kind == "fm"]))
         try:
-            start_broadcast(rt, priority="normal", source=src, targets=[c.id],
+            start_broadcast(rt, priority="normal", source=src, targets=[c.id], patience_s=0,
                             ordered_by="local:test-cluster", title=f"test {c.id}", max_duration_s=TEST_TONE_S + 1)
             reason = None
         except CommandError as e:

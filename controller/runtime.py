@@ -358,6 +358,7 @@ class Runtime:
         return self.engine.submit(req)
 
     def _on_skip(self, b) -> None:
+        self.runner.log_skipped(b)
         self.emit("broadcast.skipped", self.runner.body(b))
 
     async def ip_play(self, cid: str, url: str, volume: int, bid: str) -> tuple[bool, str]:

@@ -106,7 +106,17 @@ def test_test_cluster_ip_answers_and_fm_explains(site_run):
     assert any(r.get("kind") == "cluster" and r.get("cluster") == "ip04" and r.get("playing") for r in rec)
 
 
+def wait_air_free(sock: Path, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if json.loads(cli(sock, "status", "--json").stdout)["on_air"] is None:
+            return
+        time.sleep(0.5)
+    raise AssertionError("something stayed on air")
+
+
 def test_play_and_stop_are_logged_as_local_operator(site_run):
+    wait_air_free(site_run["sock"])
     r = cli(site_run["sock"], "play", "--tts", "Thử loa bản hai", "--targets", "ban-02", "--json")
     assert r.returncode == 0, r.stdout + r.stderr
     bid = json.loads(r.stdout)["broadcast_id"]
