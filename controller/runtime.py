@@ -408,6 +408,14 @@ def diagnosis_settings(cfg: SiteConfig) -> DiagnosisSettings:
         upd["heartbeat_timeout_s"] = cfg.timing.heartbeat_timeout_s
     if "settle_s" not in given:
         upd["settle_s"] = min(d.settle_s, cfg.timing.heartbeat_timeout_s)
+    hb_default = DiagnosisSettings.model_fields["heartbeat_timeout_s"].default
+    default_hyst = d.hysteresis == DiagnosisSettings().hysteresis  # (its validator marks it "set")
+    if default_hyst and cfg.timing.heartbeat_timeout_s < hb_default:
+        # short heartbeats (a test bench, a scenario) shorten the debounce windows alike
+        k = cfg.timing.heartbeat_timeout_s / hb_default
+        upd["hysteresis"] = {code: h.model_copy(update={"raise_after_s": h.raise_after_s * k,
+                                                        "clear_after_s": h.clear_after_s * k})
+                             for code, h in d.hysteresis.items()}
     return d.model_copy(update=upd)
 
 
