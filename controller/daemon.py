@@ -75,6 +75,10 @@ class Daemon:
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         self.cfg = load_site(self.config_path)  # YamlError handled by the CLI (exit 2)
+        if self.log_level is None and self.cfg.log_level != "info":
+            from controller import logs
+
+            logs.setup(self.cfg.log_level)  # the site file's level unless --log-level was given
         for w in self.cfg.warnings:
             log.warning("config warning", detail=w)
         self.store, self.storage_problem = open_store(self.cfg.storage.state_dir)
