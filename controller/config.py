@@ -420,6 +420,21 @@ def _check_profiles(cfg: SiteConfig, errs: list) -> None:
             errs.append((loc, f"profile {name!r} cannot be used: {first}"))
         elif getattr(prof, "kind", kind) != kind:
             errs.append((loc, f"profile {name!r} is a {prof.kind} profile; a {kind} profile is needed"))
+    # one FM carrier carries one code plan: every receiver must speak the same profile
+    fm = [(i, c) for i, c in enumerate(cfg.clusters) if c.kind == "fm"]
+    if fm:
+        first_i, first = fm[0]
+        for i, c in fm[1:]:
+            if c.profile_name != first.profile_name:
+                errs.append((("clusters", i, "profile"),
+                             f"FM receivers must share one profile (the air carries one code plan): "
+                             f"{first.id} uses {first.profile_name!r}, this one {c.profile_name!r}"))
+        prof = cache.get(first.profile_name)
+        spec = getattr(prof, "fm", None)
+        if spec is not None:
+            for i, c in fm:
+                for problem in spec.check_addressing(c.fm.address, c.fm.groups):
+                    errs.append((("clusters", i, "fm"), problem))
 
 
 def _dupes(errs: list, section: str, ids: list[str]) -> None:

@@ -147,3 +147,13 @@ def test_same_priority_overlap_is_reported(tmp_path):
     r = subprocess.run([*LOAXA, "check-config", str(p)], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2
     assert "programmes p1 and p2 (both normal) overlap on 1 cluster(s) (fm01)" in r.stderr
+
+
+def test_fm_receivers_must_share_a_profile_and_fit_its_code_plan(tmp_path):
+    text = GOOD.replace('{id: fm02, kind: fm, zone: z2, fm: {address: "102"}}',
+                        '{id: fm02, kind: fm, zone: z2, profile: fm-receiver-rds, fm: {address: "102"}}')
+    text = text.replace('{id: fm01, kind: fm, zone: z1, fm: {address: "101"}}',
+                        '{id: fm01, kind: fm, zone: z1, fm: {address: "101", groups: ["12"]}}')
+    errs = errors_of(p := write(tmp_path, text))
+    assert any(e.startswith(f"{p}:15: clusters[1].profile: FM receivers must share one profile") for e in errs), errs
+    assert any(e.startswith(f"{p}:14: clusters[0].fm:") and "12" in e for e in errs), errs
