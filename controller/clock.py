@@ -8,6 +8,9 @@ rebuilt rather than fire a burst of "missed" programmes.
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
+import functools
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,18 +23,21 @@ TIMESYNCD_FLAG = Path("/run/systemd/timesync/synchronized")
 EARLIEST_PLAUSIBLE = 1767225600  # 2026-01-01T00:00:00Z: a Pi booting at 1970 is not "synced"
 
 
+class _Timex(ctypes.Structure):
+    _fields_ = [("modes", ctypes.c_uint), ("offset", ctypes.c_long), ("freq", ctypes.c_long),
+                ("maxerror", ctypes.c_long), ("esterror", ctypes.c_long), ("status", ctypes.c_int),
+                ("pad", ctypes.c_long * 30)]
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
 def kernel_synced() -> bool:
     """The kernel's own verdict (adjtimex: STA_UNSYNC clear), which any NTP daemon maintains."""
-    import ctypes
-    import ctypes.util
-
-    class Timex(ctypes.Structure):
-        _fields_ = [("modes", ctypes.c_uint), ("offset", ctypes.c_long), ("freq", ctypes.c_long),
-                    ("maxerror", ctypes.c_long), ("esterror", ctypes.c_long), ("status", ctypes.c_int),
-                    ("pad", ctypes.c_long * 30)]
-
-    t = Timex()
-    rc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).adjtimex(ctypes.byref(t))
+    t = _Timex()
+    rc = _libc().adjtimex(ctypes.byref(t))
     return rc not in (-1, 5) and not t.status & 0x40  # 5 = TIME_ERROR, 0x40 = STA_UNSYNC
 
 
