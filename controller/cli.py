@@ -108,12 +108,14 @@ def profiles_check(files: tuple[str, ...]) -> None:
 
 def _register_plugins() -> None:
     from controller.centralcli import central
+    from controller.demo import demo
     from controller.techcli import register
     from device_drivers.sim.runner import simulate_cmd
 
     register(main)
     main.add_command(central)
     main.add_command(simulate_cmd)
+    main.add_command(demo)
 
 
 _register_plugins()
