@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+import sqlite3
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -318,8 +319,15 @@ class AlarmManager:
             if confirmed != self._confirmed:
                 self.store.kv_set(CONFIRMED_KEY, confirmed)
             conn.execute("COMMIT")
+        except sqlite3.Error as e:
+            # disk full / read-only: the alarm still lives in memory and on the retained
+            # alarms topic; losing the alarm because the disk failed would hide the failure
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            log.error("alarm not stored", code=a.get("code"), error=str(e))
         except BaseException:
-            conn.execute("ROLLBACK")
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
             raise
         self._confirmed = confirmed
 

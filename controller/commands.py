@@ -196,6 +196,12 @@ class CommandGate:
             raise CommandError("invalid_args", _first_error(e)) from None
 
     def _remember(self, request_id: str, now: float) -> None:
+        # ids seen while the state disk failed: kept in memory for the freshness window
+        mem = self.__dict__.setdefault("_seen_in_memory", {})
+        for rid in [r for r, t in mem.items() if t < now - 2 * self.max_age_s]:
+            del mem[rid]
+        if request_id in mem:
+            raise CommandError("replayed", f"request_id {request_id!r} was already seen")
         c = self.store.conn
         c.execute("BEGIN IMMEDIATE")
         try:
@@ -206,8 +212,14 @@ class CommandGate:
         except sqlite3.IntegrityError:
             c.execute("ROLLBACK")
             raise CommandError("replayed", f"request_id {request_id!r} was already seen") from None
+        except sqlite3.Error as e:  # disk full / read-only: the command still runs
+            if c.in_transaction:
+                c.execute("ROLLBACK")
+            mem[request_id] = now
+            log.error("replay cache not stored; remembering the request in memory", error=str(e))
         except BaseException:
-            c.execute("ROLLBACK")
+            if c.in_transaction:
+                c.execute("ROLLBACK")
             raise
 
     # ------------------------------------------------------------ rejection

@@ -232,7 +232,10 @@ class AssetCache:
         def write(tmp):
             sf.write(tmp, x, self.rate, format="FLAC", subtype="PCM_24")
 
-        _atomic_write(self.path_for(key), write)
+        try:
+            _atomic_write(self.path_for(key), write)
+        except (OSError, RuntimeError) as e:  # full or read-only disk: the cache is optional
+            log.warning("media.cache_not_written", file=self.path_for(key).name, error=str(e))
 
     def load(self, path: str | os.PathLike, sha256: str | None = None) -> np.ndarray:
         """Prepared samples of a media file (blocking). `sha256`, if known, saves a hash pass."""

@@ -130,7 +130,8 @@ class Outbox:
                 c.executemany("DELETE FROM outbox WHERE seq=?", [(s,) for s in evicted])
             c.execute("COMMIT")
         except BaseException:
-            c.execute("ROLLBACK")
+            if c.in_transaction:  # a failed COMMIT (disk full) may have rolled back already
+                c.execute("ROLLBACK")
             raise  # rows stay buffered; their seqs stay reserved for the retry
         self._buffer = []
         self._db_depth = depth - len(evicted)
@@ -201,7 +202,8 @@ class Outbox:
             self.store.kv_set("last_seq", max(top, int(self.store.kv_get("last_seq", 0))))
             c.execute("COMMIT")
         except BaseException:
-            c.execute("ROLLBACK")
+            if c.in_transaction:  # a failed COMMIT (disk full) may have rolled back already
+                c.execute("ROLLBACK")
             raise
         self._db_depth -= removed
         return removed
