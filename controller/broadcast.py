@@ -83,11 +83,16 @@ class BroadcastRunner:
                 await self._announce(b, ip_task)
                 try:
                     await play
+                except DeadAir:
+                    # fallback "release": the receivers are switched off, not left on for the next one
+                    if release is not None and len(release) and await self._play_release(release):
+                        self.fm_awake -= set(fm)
+                    raise
                 finally:
                     if not play.done():
                         play.cancel()
-                if release is not None and len(release):
-                    await self._play_release(release)
+                if release is not None and len(release) and await self._play_release(release):
+                    self.fm_awake -= set(fm)
             else:
                 await self._announce(b, ip_task)
                 await self._play(b, audio, None, need_air=False)
@@ -192,11 +197,14 @@ class BroadcastRunner:
             rt.on_audio_failure(res.reason)
             raise RuntimeError(f"audio output failed: {res.reason}")
 
-    async def _play_release(self, release: np.ndarray) -> None:
+    async def _play_release(self, release: np.ndarray) -> bool:
+        """True once the release codes are on air (only then are the receivers off)."""
         try:
-            await self.rt.player.play(release, broadcast_id=None)
+            res = await self.rt.player.play(release, broadcast_id=None)
         except Exception as e:  # the programme is over; a failed release is logged, not fatal
             log.warning("release codes not played", error=str(e))
+            return False
+        return res.outcome == "finished"
 
     # ---- FM clusters ---------------------------------------------------
     def _fm_codes(self, b: Broadcast, fm: list[str]) -> tuple[np.ndarray | None, np.ndarray | None]:
@@ -286,7 +294,9 @@ class BroadcastRunner:
             if fm and not preemptor:
                 if b.fm_release_msgs and rt.rds:
                     await rt.rds.send_timed(b.fm_release_msgs)
-                self.fm_awake -= set(fm)
+                    self.fm_awake -= set(fm)
+                # DTMF receivers whose release codes never went on air (stopped, failed) stay in
+                # fm_awake: the next broadcast switches them off before waking its own targets
                 if carrier_up and not any(x is not b and set(x.req.targets) & {c.id for c in rt.cfg.clusters if c.kind == "fm"}
                                           for x in rt.engine.active.values()):
                     await self._carrier(False)

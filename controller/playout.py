@@ -26,6 +26,9 @@ import numpy as np
 import structlog
 
 log = structlog.get_logger(__name__)
+# Blocking waits in the playout thread. Not time.sleep: under libfaketime (the simulator's
+# clock jumps) Python's time.sleep fails with EINVAL; an Event that is never set waits alike.
+_pause = threading.Event().wait
 
 FINISHED, STOPPED, FAILED = "finished", "stopped", "failed"
 IDLE_POLICIES = ("close", "silence")
@@ -387,7 +390,7 @@ class _Writer:
             self.sent = 0
         ahead = self.sent / rate - (now - self.t0)
         if ahead > self.p.lead_s:
-            time.sleep(ahead - self.p.lead_s)
+            _pause(ahead - self.p.lead_s)
         elif ahead < -self.p.lead_s:  # fell behind (stall, underrun): re-anchor, never burst
             self.t0 = now - self.sent / rate
         before = time.monotonic()
@@ -421,7 +424,7 @@ class _Writer:
             left = end - time.monotonic()
             if left <= 0:
                 break
-            time.sleep(min(left, 0.05))
+            _pause(min(left, 0.05))
 
     def play_job(self, job: _Job) -> None:
         p = self.p
@@ -452,7 +455,7 @@ class _Writer:
                         if p.idle_policy == "silence":
                             self.write(self.silence)  # the carrier keeps its silence
                         else:
-                            time.sleep(0.005)  # go on air only with some audio in hand
+                            _pause(0.005)  # go on air only with some audio in hand
                         continue
                     if job.queue:
                         chunk, off = job.queue.popleft(), 0

@@ -233,6 +233,7 @@ class Runtime:
         v = self.site.clusters.get(cid)
         if v is None:
             return
+        self._clock_first()
         now = time.time()
         before = v.availability()
         if online is True or telemetry:
@@ -260,6 +261,7 @@ class Runtime:
 
     def observe(self, obs) -> None:
         """Any other observation (strike, transmitter reading, note) into diagnosis."""
+        self._clock_first()
         try:
             actions = self.diagnoser.observe(obs)
         except ValueError as e:
@@ -269,10 +271,20 @@ class Runtime:
             for a in actions:
                 self.spawn(self.devices.protect(a), "tx-protect")
 
+    def _clock_first(self) -> None:
+        """Apply a wall-clock step before any observation stamped after it: otherwise, in the
+        second before the guard's own poll, old stamps are judged against the new time (a
+        burst of "silent for 3 h") and new ones are shifted once more by clock_stepped."""
+        try:
+            self.clock.poll()
+        except Exception:
+            log.exception("clock check failed")
+
     async def _tick_loop(self) -> None:
         while True:
             await asyncio.sleep(1.0)
             try:
+                self._clock_first()
                 self.diagnoser.observe(Tick(ts=time.time(), clock_synced=self.clock.synced))
             except Exception:
                 log.exception("diagnosis tick failed")
@@ -280,9 +292,12 @@ class Runtime:
     async def _health_loop(self) -> None:
         while True:
             await asyncio.sleep(self.cfg.timing.health_interval_s)
-            self.check_audio()
-            self._check_disk()
-            self.publish_health(force=True)
+            try:
+                self.check_audio()
+                self._check_disk()
+                self.publish_health(force=True)
+            except Exception:  # e.g. a full disk: the health report must outlive it
+                log.exception("health check failed")
 
     # ---- gateway conditions ---------------------------------------------
     def check_audio(self) -> bool:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import glob
 import os
 import shutil
 import signal
@@ -195,6 +196,7 @@ class Simulation:
         self.rec: Recorder | None = None
         self.daemon_rc: int | None = None
         self.summary: dict[str, Any] = {}
+        self.clock_offset_s = 0.0   # the daemon's wall clock minus the machine's (clock jumps)
 
     def load(self) -> tuple[Any, Scenario]:
         from controller.config import load_site
@@ -244,12 +246,21 @@ class Simulation:
                          control_socket=wd / "control.sock", media_port=free_port(),
                          public_key_b64=self.central.public_key_b64,
                          key_id=self.central.key_id, timing=timing)
-            self.daemon = DaemonProc(site_file, wd, self._daemon_env(cfg, capture))
+            self.daemon = DaemonProc(site_file, wd, self._daemon_env(cfg, capture, sc))
             return await self._play(cfg, sc)
         finally:
             await self._teardown()
 
-    def _daemon_env(self, cfg: Any, capture: Path) -> dict[str, str]:
+    @property
+    def clock_flag(self) -> Path:
+        """Present = the gateway's clock is synchronised (rewrite_site points clock_check here)."""
+        return self.workdir / "clock-synchronised"
+
+    @property
+    def faketime_file(self) -> Path:
+        return self.workdir / "faketime.rc"
+
+    def _daemon_env(self, cfg: Any, capture: Path, sc: Scenario) -> dict[str, str]:
         conf = self.workdir / "asound.conf"
         conf.write_text(ASOUND_CONF % {"rate": cfg.audio.sample_rate})
         env = dict(os.environ)
@@ -260,6 +271,15 @@ class Simulation:
         env["PYTHONUNBUFFERED"] = "1"
         env["PYTHONPATH"] = os.pathsep.join(
             [str(PROJECT_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+        if sc.jumps_clock:
+            # the daemon's wall clock (only) follows an offset in a file it re-reads on every
+            # call; CLOCK_MONOTONIC stays true, exactly as when NTP or `date -s` steps the clock
+            lib = find_libfaketime()
+            self.faketime_file.write_text("+0\n")
+            env["LD_PRELOAD"] = " ".join(filter(None, [lib, os.environ.get("LD_PRELOAD")]))
+            env["FAKETIME_TIMESTAMP_FILE"] = str(self.faketime_file)
+            env["FAKETIME_NO_CACHE"] = "1"
+            env["FAKETIME_DONT_FAKE_MONOTONIC"] = "1"
         return env
 
     async def _play(self, cfg: Any, sc: Scenario) -> int:
@@ -353,7 +373,22 @@ class Simulation:
         if kind == "gateway_restart":
             await self._restart(b.hard, b.down, out)
             return None
+        if kind == "clock":
+            return self._clock(b)
         raise ValueError(f"unknown event kind {kind}")
+
+    def _clock(self, b: Any) -> dict:
+        if b.synced is not None:
+            if b.synced:
+                self.clock_flag.touch()
+            else:
+                self.clock_flag.unlink(missing_ok=True)
+            return {"flag": str(self.clock_flag), "present": self.clock_flag.exists()}
+        self.clock_offset_s += b.jump
+        tmp = self.faketime_file.with_suffix(".tmp")   # replaced whole: never read half-written
+        tmp.write_text(f"{self.clock_offset_s:+.0f}\n")
+        tmp.replace(self.faketime_file)
+        return {"daemon_clock_offset_s": self.clock_offset_s}
 
     async def _broker_outage(self, seconds: float, out: dict) -> None:
         self.broker.kill()
@@ -421,6 +456,18 @@ class Simulation:
 def daemon_log_path(record: Path) -> Path:
     """The daemon's own log of a run, kept beside its record: OUT.jsonl -> OUT.daemon.log."""
     return record.with_name(record.stem + ".daemon.log")
+
+
+def find_libfaketime() -> str:
+    """The libfaketime preload (Debian/Raspberry Pi OS package `libfaketime`), wherever the
+    distribution put it; clock jumps cannot be simulated without it."""
+    for pattern in ("/usr/lib/*/faketime/libfaketime.so.1", "/usr/lib/faketime/libfaketime.so.1",
+                    "/usr/local/lib/faketime/libfaketime.so.1", "/usr/lib64/faketime/libfaketime.so.1"):
+        hits = sorted(glob.glob(pattern))
+        if hits:
+            return hits[0]
+    raise HarnessError("a clock jump needs libfaketime (apt install libfaketime); "
+                       "libfaketime.so.1 not found under /usr/lib")
 
 
 def _uses_radio(sc: Scenario) -> bool:

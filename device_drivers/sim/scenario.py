@@ -106,13 +106,44 @@ class Command(_S):
     issued_ago: Duration = Field(0.0, description="backdate issued_at (a stale command)")
 
 
+_JUMP = re.compile(r"^\s*([+-])\s*(.+)$")
+
+
+def parse_jump(v: Any) -> float:
+    """'+3h' / '-2h' / '+30m' / '+90s' -> signed seconds (the sign is required)."""
+    m = _JUMP.match(v) if isinstance(v, str) else None
+    if m is None:
+        raise ValueError('a clock jump is a signed duration like "+3h", "-2h" or "+30m"')
+    try:
+        s = parse_duration(m.group(2))
+    except ValueError:
+        raise ValueError('a clock jump is a signed duration like "+3h", "-2h" or "+30m"') from None
+    if s == 0:
+        raise ValueError("a clock jump of zero does nothing")
+    return -s if m.group(1) == "-" else s
+
+
+class ClockChange(_S):
+    """The gateway's clock: NTP synchronisation lost/regained (the flag the daemon checks),
+    or a step of the daemon's own wall clock (libfaketime; the machine's clock is untouched)."""
+    synced: bool | None = Field(None, description="false: the clock is no longer synchronised")
+    jump: Annotated[float, BeforeValidator(parse_jump)] | None = Field(
+        None, description='step the daemon\'s wall clock: "+3h", "-2h", "+30m"')
+
+    @model_validator(mode="after")
+    def _one(self) -> ClockChange:
+        if (self.synced is None) == (self.jump is None):
+            raise ValueError("give exactly one of synced, jump")
+        return self
+
+
 class GatewayRestart(_S):
     hard: bool = Field(False, description="true: kill -9; false: SIGTERM and a clean stop")
     down: Duration = Field(0.0, description="how long the gateway stays down before it starts again")
 
 
 EVENT_KINDS = ("lightning", "subscription_expired", "power_cut", "link_cut", "transmitter",
-               "broker_outage", "command", "gateway_restart")
+               "broker_outage", "command", "gateway_restart", "clock")
 
 
 class Event(_S):
@@ -125,6 +156,7 @@ class Event(_S):
     broker_outage: BrokerOutage | None = None
     command: Command | None = None
     gateway_restart: GatewayRestart | None = None
+    clock: ClockChange | None = None
     note: str | None = Field(None, description="free text shown in the record and the demo")
 
     @model_validator(mode="after")
@@ -164,6 +196,11 @@ class Scenario(_S):
 
     def ordered(self) -> list[tuple[int, Event]]:
         return sorted(enumerate(self.events), key=lambda ie: (ie[1].at, ie[0]))
+
+    @property
+    def jumps_clock(self) -> bool:
+        """The daemon must run under libfaketime (only then: it is a preload into the daemon)."""
+        return any(e.clock is not None and e.clock.jump is not None for e in self.events)
 
 
 def resolve_scenario(name_or_path: str | Path) -> Path:
