@@ -206,7 +206,7 @@ class Scenario(_S):
 def resolve_scenario(name_or_path: str | Path) -> Path:
     """A path, or the name of a shipped scenario (`smoke`, `demo-day`)."""
     p = Path(name_or_path)
-    if p.exists() or p.suffix in (".yaml", ".yml") or "/" in str(name_or_path):
+    if p.is_file() or p.suffix in (".yaml", ".yml") or "/" in str(name_or_path):
         return p
     return SCENARIO_DIR / f"{name_or_path}.yaml"
 
