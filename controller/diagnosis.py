@@ -403,6 +403,12 @@ class Diagnoser:
         for key, code in FAULT_CODES.items():
             if key in c.onset:
                 cause, conf, ev, inc = self._diagnose_fault(c, key)
+                cur = self.alarms.get(code, cid)
+                if inc is None and cur and cur.get("incident_id"):
+                    # it rested on a storm/feed event this boot no longer remembers (a
+                    # restart): keep what was concluded, not "no storm recorded"
+                    cause, conf, ev, inc = (cur["cause"], cur["confidence"], cur["evidence"],
+                                            cur["incident_id"])
                 self.alarms.condition_on(code, cid, severity=SEVERITY[code], cause=cause,
                                          confidence=conf, evidence=ev, incident_id=inc)
             elif key in c.healthy_at:
@@ -458,6 +464,9 @@ class Diagnoser:
         if sim_bad:
             conf = max(conf, 0.95 if status == "expired" else 0.8) + (0.04 if passed else 0)
             ev.append(f"modem reported SIM status '{status}'")
+            if not passed and c.info.subscription_ref:  # which SIM to top up or renew
+                ev.append(f"SIM {c.info.subscription_ref}"
+                          + (f", valid until {exp} per the site file" if exp else ""))
         return min(conf, 0.99), ev
 
     def _diagnose_loss(self, c: _Cluster, loss: _Loss, now: float):

@@ -40,6 +40,7 @@ class ProgrammeScheduler:
         self.sched.add_listener(self._on_missed, EVENT_JOB_MISSED)
         self.clock_synced = False
         self._rebuilding = False
+        self._unsynced_since: dt.datetime | None = None
 
     # ---- programmes -----------------------------------------------------
     def central_programmes(self) -> list[Programme]:
@@ -84,11 +85,25 @@ class ProgrammeScheduler:
     def set_clock_synced(self, synced: bool) -> None:
         self.clock_synced = synced
         if synced:
+            since, self._unsynced_since = self._unsynced_since, None
+            if since is not None:
+                self._report_missed(since, dt.datetime.now(self.tz))
             # the clock just became trustworthy: compute every next run from the true now
             self.rebuild()
             self.sched.resume()
         else:
+            # remembered only if the clock was trustworthy when it was lost
+            self._unsynced_since = dt.datetime.now(self.tz)
             self.sched.pause()
+
+    def _report_missed(self, since: dt.datetime, until: dt.datetime) -> None:
+        """Runs that fell due while the clock was untrusted did not play: say so (≤ 1 day)."""
+        from controller.conflicts import occurrences
+
+        since = max(since, until - dt.timedelta(days=1))
+        for p in self.programmes().values():
+            for t in occurrences(p, self.tz, since, until)[:50]:
+                self._skip(p, t, "clock not synchronised")
 
     def on_clock_jump(self, delta_s: float) -> None:
         log.warning("rebuilding schedule after clock jump", seconds=round(delta_s))

@@ -144,8 +144,13 @@ class TransmitterGuard:
             acts.append(TransmitterAction("foldback", cfg.foldback_power_share,
                                           f"{readout} above {cfg.vswr_foldback:g}"))
         strikes, sid = self.storms.near(ts - cfg.fault_after_storm_s, ts)
+        cur = self.alarms.get("transmitter.vswr_high")
         if strikes:
             cause, conf, extra = "lightning", 0.7, [self.storms.text(strikes)]
+        elif cur and cur["cause"] == "lightning" and cur.get("incident_id"):
+            # a restart forgot the storm this alarm rested on: keep the diagnosis
+            cause, conf, sid = cur["cause"], cur["confidence"], cur["incident_id"]
+            extra = [e for e in cur["evidence"] if e.startswith("storm: ")]
         else:
             cause, conf, extra = "hardware", 0.6, ["check antenna, feeder cable and connectors"]
         self.alarms.condition_on("transmitter.vswr_high", None, severity="critical", cause=cause,
