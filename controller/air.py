@@ -25,6 +25,8 @@ if TYPE_CHECKING:
 log = structlog.get_logger("loaxa.air")
 
 ALARM_PTY = 31
+TRIP_KEY = "transmitter.protective_off"
+RELEASE_CODES = ("transmitter.vswr_high", "transmitter.pll_unlocked")
 
 
 class TxControl:
@@ -36,7 +38,8 @@ class TxControl:
         self.carrier_on: bool | None = None
         self.power_share = 1.0
         self.configured = False
-        self.protective_off = False
+        # a protective carrier-off survives restarts: a crash loop must not key a bad antenna
+        self.protective_off = bool(rt.store.kv_get(TRIP_KEY))
 
     @property
     def reachable(self) -> bool:
@@ -62,9 +65,9 @@ class TxControl:
         await self.d.set_frequency(cfg.frequency_mhz)
         await self.d.set_power(cfg.power_w * self.power_share)
         busy = any(b.resources & {"@air"} for b in self.rt.engine.active.values())
-        if cfg.carrier == "always":
+        if cfg.carrier == "always" and not self.protective_off:
             await self.carrier(True)
-        elif not busy:
+        elif not busy or self.protective_off:
             await self.carrier(False)  # a crashed run may have left it up: no dead-air carrier
         self.configured = True
 
@@ -164,15 +167,33 @@ class Air:
                 await tx.d.set_power(cfg.power_w * tx.power_share)
             elif action.action == "carrier_off":
                 tx.protective_off = True
+                self.rt.store.kv_set(TRIP_KEY, {"reason": action.reason, "since": time.time()})
                 await tx.d.set_carrier(False)
                 tx.carrier_on = False
             elif action.action == "restore":
                 tx.power_share, tx.protective_off = 1.0, False
+                self.rt.store.kv_set(TRIP_KEY, None)
                 await tx.d.set_power(cfg.power_w)
                 if cfg.carrier == "always" or any(b.resources & {"@air"} for b in self.rt.engine.active.values()):
                     await tx.carrier(True)
         except (Unreachable, DeviceError) as e:
             log.error("protective action failed", action=action.action, error=str(e))
+
+    async def release_protection(self, by: str) -> None:
+        """Acknowledging the VSWR/PLL alarm (after the antenna is repaired) re-arms the carrier;
+        the guard trips again if the fault is still there."""
+        tx = self.tx
+        if not tx.protective_off:
+            return
+        log.warning("protective carrier-off released", by=by)
+        tx.protective_off, tx.power_share = False, 1.0
+        self.rt.store.kv_set(TRIP_KEY, None)
+        try:
+            await tx.d.set_power(self.rt.cfg.transmitter.power_w)
+        except (Unreachable, DeviceError) as e:
+            log.error("power not restored", error=str(e))
+        if self.rt.cfg.transmitter.carrier == "always":
+            await tx.carrier(True)
 
     async def _poll(self) -> None:
         timing = self.rt.cfg.timing

@@ -154,6 +154,12 @@ class Runtime:
             log.error("event not stored", type=type_, error=str(e))
             self._storage_failed(str(e))
             return None
+        if type_ == "alarm.acknowledged" and self.devices is not None:
+            from controller.air import RELEASE_CODES
+
+            if body.get("code") in RELEASE_CODES:
+                self.spawn(self.devices.air.release_protection(str(body.get("acknowledged_by"))),
+                           "tx-release")
         log.info("event", type=type_, seq=ev.get("seq"),
                  **{k: v for k, v in body.items() if k in ("broadcast_id", "programme_id", "code",
                                                            "cluster_id", "cause", "reason", "outcome")})
