@@ -7,6 +7,7 @@ and an unknown key comes with a "did you mean" suggestion.
 from __future__ import annotations
 
 import difflib
+import reprlib
 import types
 import typing
 from collections.abc import Iterable
@@ -47,17 +48,30 @@ def load_yaml(path: str | Path, text: str | None = None) -> tuple[Any, dict[Loc,
         raise YamlError([f"{path}:{line}: YAML syntax: {e.problem or e}"]) from None
     except yaml.YAMLError as e:
         raise YamlError([f"{path}: YAML syntax: {e}"]) from None
+    except RecursionError:  # "[[[[..." thousands deep: PyYAML's composer recurses
+        raise YamlError([f"{path}: YAML nested too deeply"]) from None
+    except (ValueError, OverflowError) as e:  # a scalar PyYAML cannot build: 2026-13-01, 5000 digits
+        bad = _unbuildable(node)
+        where = f"{path}:{bad.start_mark.line + 1}: " if bad is not None else f"{path}: "
+        got = f" (got {_short(bad.value)})" if bad is not None else ""
+        raise YamlError([f"{where}cannot read this value: {e}{got}"]) from None
     lines: dict[Loc, int] = {}
     dups: list[str] = []
     if node is not None:
         lines[()] = node.start_mark.line + 1
-        _walk(node, (), lines, dups, path)
+        _walk(node, (), lines, dups, path, set())
     if dups:
         raise YamlError(dups)
     return data, lines
 
 
-def _walk(node: yaml.Node, loc: Loc, lines: dict[Loc, int], dups: list[str], path: Path) -> None:
+def _walk(node: yaml.Node, loc: Loc, lines: dict[Loc, int], dups: list[str], path: Path,
+          walked: set[int]) -> None:
+    # an alias reuses its anchor's node: walk each node once, or nested aliases
+    # ("billion laughs") take exponential time and a recursive anchor never ends
+    if id(node) in walked:
+        return
+    walked.add(id(node))
     if isinstance(node, yaml.MappingNode):
         seen: set[Any] = set()
         for knode, vnode in node.value:
@@ -70,12 +84,33 @@ def _walk(node: yaml.Node, loc: Loc, lines: dict[Loc, int], dups: list[str], pat
                 )
             seen.add(key)
             lines[sub] = knode.start_mark.line + 1
-            _walk(vnode, sub, lines, dups, path)
+            _walk(vnode, sub, lines, dups, path, walked)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
             sub = (*loc, i)
             lines[sub] = item.start_mark.line + 1
-            _walk(item, sub, lines, dups, path)
+            _walk(item, sub, lines, dups, path, walked)
+
+
+def _unbuildable(root: yaml.Node | None) -> yaml.ScalarNode | None:
+    """The first scalar node whose value PyYAML's safe constructor refuses."""
+    stack, seen = [root] if root is not None else [], set()
+    builder = yaml.SafeLoader("")
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, yaml.ScalarNode):
+            try:
+                builder.construct_object(node)
+            except (ValueError, OverflowError, yaml.YAMLError):
+                return node
+        elif isinstance(node, yaml.MappingNode):
+            stack.extend(n for kv in reversed(node.value) for n in reversed(kv))
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend(reversed(node.value))
+    return None
 
 
 def dotted(loc: Iterable[Any]) -> str:
@@ -99,7 +134,13 @@ def line_for(lines: dict[Loc, int], loc: Loc) -> int:
 
 
 def _short(value: Any, limit: int = 60) -> str:
-    r = repr(value)
+    # reprlib bounds the work: a YAML alias bomb is a small graph with a huge repr()
+    if isinstance(value, int) and value.bit_length() > 128:  # repr() refuses > 4300 digits
+        return f"an integer of {value.bit_length()} bits"
+    try:
+        r = repr(value) if isinstance(value, str | int | float | bool | None) else reprlib.repr(value)
+    except ValueError:  # a huge int inside a list
+        r = f"a {type(value).__name__}"
     return r if len(r) <= limit else r[: limit - 3] + "..."
 
 

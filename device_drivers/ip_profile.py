@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import re
 from typing import Any, Literal
 
@@ -167,7 +168,7 @@ def _match_obj(t: Any, obj: Any, out: dict[str, Any]) -> bool:
         if m:
             try:
                 out[m.group(1)] = _conv(m.group(1), obj)
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):
                 return False
             return True
         if _PH.search(t):
@@ -251,6 +252,8 @@ def decode_field(fm: FieldMap, raw: Any) -> Any:
     if isinstance(raw, bool) or not isinstance(raw, int | float):
         raise TypeError(f"{fm.path}: expected number, got {raw!r}")
     v = raw * fm.scale + fm.offset
+    if not math.isfinite(v):  # JSON from the device may say 1e999 or NaN; central must not see it
+        raise ValueError(f"{fm.path}: {raw!r} is not a finite number")
     return round(v) if fm.type == "int" else round(v, 4)
 
 

@@ -233,7 +233,11 @@ class ParseSpec(_Strict):
         if self.struct is not None:
             import struct
             try:
-                n = len(struct.unpack(self.struct, bytes(struct.calcsize(self.struct))))
+                size = struct.calcsize(self.struct)
+                if size > 65536:  # no frame is longer; and bytes(size) below must stay small
+                    raise ValueError(f"struct {self.struct!r} needs {size} bytes; "
+                                     "a reply is at most 65536")
+                n = len(struct.unpack(self.struct, bytes(size)))
             except struct.error as e:
                 raise ValueError(f"struct {self.struct!r}: {e}") from None
             if self.index >= n:

@@ -358,13 +358,15 @@ class UecpDecoder:
         self._buf = bytearray()
         self._in_frame = False
         self._in_garbage = False
+        self._quiet = False  # a bad burst was logged; stay quiet until a good frame
         self.stats: dict[str, int] = dict.fromkeys(
             ("frames", "garbage_bytes", "truncated", "oversize", "bad_stuffing", "bad_length",
              "bad_crc", "bad_element"), 0)
 
     def _count(self, kind: str, n: int = 1, **kw) -> None:
         self.stats[kind] += n
-        if kind != "garbage_bytes":
+        if kind != "garbage_bytes" and not self._quiet:  # once per burst: noise has many FE bytes
+            self._quiet = True
             log.warning("uecp_frame_dropped", reason=kind, **kw)
 
     def feed(self, data: bytes) -> list[Frame]:
@@ -379,7 +381,9 @@ class UecpDecoder:
                 self.stats["garbage_bytes"] += 1
                 if not self._in_garbage:  # log once per burst
                     self._in_garbage = True
-                    log.warning("uecp_garbage")
+                    if not self._quiet:
+                        self._quiet = True
+                        log.warning("uecp_garbage")
             elif b == STOP:
                 self._in_frame = False
                 f = self._finish(bytes(self._buf))
@@ -414,6 +418,7 @@ class UecpDecoder:
             self._count("bad_element", detail=str(e))
             elements = (Unknown(f.message[0], f.message[1:]),) if f.message else ()
         self.stats["frames"] += 1
+        self._quiet = False
         return Frame(f.site, f.encoder, f.sqc, elements, f.message)
 
 
