@@ -198,6 +198,8 @@ class Air:
     async def _poll(self) -> None:
         timing = self.rt.cfg.timing
         last_slow = 0.0
+        # the port opens in the background: polling before that only says "unreachable"
+        await self.tx.d.transport.wait_open(5.0)
         while True:
             try:
                 if not self.tx.configured:

@@ -436,6 +436,7 @@ def diagnosis_settings(cfg: SiteConfig) -> DiagnosisSettings:
         k = cfg.timing.heartbeat_timeout_s / hb_default
         upd["hysteresis"] = {code: h.model_copy(update={"raise_after_s": h.raise_after_s * k,
                                                         "clear_after_s": h.clear_after_s * k})
+                             if code.startswith("cluster.") else h
                              for code, h in d.hysteresis.items()}
     return d.model_copy(update=upd)
 

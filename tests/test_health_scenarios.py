@@ -9,17 +9,12 @@ the tests that need them.
 from __future__ import annotations
 
 import re
-import sys
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:   # bench/ (the suite definition) is not an installed package
-    sys.path.insert(0, str(ROOT))
-
-from bench.detection import (  # noqa: E402
+from bench.detection import (  # bench/ is importable via pytest's pythonpath setting
     HEALTH,
     events,
     read,
@@ -27,6 +22,8 @@ from bench.detection import (  # noqa: E402
     run_case,
     scenario_lines,
 )
+
+ROOT = Path(__file__).resolve().parent.parent
 
 CASE_OF_TEST = {
     "test_storm_gives_one_lightning_alarm_per_damaged_cluster_in_one_incident": "storm",
