@@ -34,6 +34,10 @@ def now_iso() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+PREPARE_MARGIN_S = 1.5  # TTS synthesis / media decoding / stream connect before a scheduled start
+IP_START_LATENCY_S = 0.3  # command -> first sample on a 4G cluster (fetch and decode), typical
+
+
 class DeadAir(Exception):
     pass
 
@@ -70,12 +74,18 @@ class BroadcastRunner:
                     b.reached += fm
                 else:
                     b.unreached += [{"cluster": c, "reason": "transmitter not answering"} for c in fm]
+            await self._align(b, prefix)
             if ip and not isinstance(audio, np.ndarray):
                 from controller.streams import LiveOggStream
 
                 b.ip_stream = LiveOggStream(rate=rt.cfg.audio.sample_rate)  # fed by the playout tee
             # the air never waits for 4G acknowledgements: IP clusters are told in parallel
-            ip_task = asyncio.ensure_future(self._start_ip(b, ip, audio, media_urls)) if ip else None
+            # a scheduled programme starts on its second on IP clusters too: they begin after the
+            # wake codes the FM air plays first (an unscheduled one goes out at once)
+            hold = 0.0
+            if b.req.scheduled_at is not None and prefix is not None:
+                hold = max(0.0, len(prefix) / rt.cfg.audio.sample_rate - IP_START_LATENCY_S)
+            ip_task = asyncio.ensure_future(self._start_ip(b, ip, audio, media_urls, hold)) if ip else None
             if fm:
                 for c in b.reached:
                     rt.set_cluster_playing(c, req.programme_id or b.id)
@@ -106,6 +116,32 @@ class BroadcastRunner:
             b.outcome, b.reason = "failed", f"{type(e).__name__}: {e}"
         finally:
             await asyncio.shield(self._finish(b, fm, ip, media_urls, carrier_up, rds_alarm))
+
+    async def _align(self, b: Broadcast, prefix: np.ndarray | None) -> None:
+        """A scheduled programme fired early (EarlyTrigger): hold the wake codes so that the
+        programme itself begins on its scheduled second."""
+        if b.req.scheduled_at is None:
+            return
+        prefix_s = len(prefix) / self.rt.cfg.audio.sample_rate if prefix is not None else 0.0
+        delay = b.req.scheduled_at.timestamp() - prefix_s - time.time()
+        if 0 < delay < 60:
+            await asyncio.sleep(delay)
+
+    def lead_s(self, p) -> float:
+        """How early a scheduled programme must fire: preparation, carrier pre-roll, codes."""
+        rt = self.rt
+        targets, _ = rt.cfg.resolve_targets(p.targets)
+        fm = [t for t in targets if t in rt.engine.fm_clusters]
+        lead = PREPARE_MARGIN_S
+        if fm and rt.fm_spec is not None:
+            if rt.cfg.transmitter.carrier == "on_demand":
+                lead += rt.cfg.transmitter.preroll_s
+            try:
+                addrs = addresses_from_site([c for c in rt.cfg.clusters if c.kind == "fm"])
+                lead += plan_codes(set(fm), addrs).signalling_time_s(rt.fm_spec)
+            except ValueError:
+                pass
+        return lead
 
     async def _announce(self, b: Broadcast, ip_task: asyncio.Future | None) -> None:
         """broadcast.started once every target's fate is known (IP acks are bounded)."""
@@ -251,8 +287,11 @@ class BroadcastRunner:
         return await rt.tx.carrier(False)
 
     # ---- IP clusters ---------------------------------------------------
-    async def _start_ip(self, b: Broadcast, ip: list[str], audio, media_urls: list[str]) -> None:
+    async def _start_ip(self, b: Broadcast, ip: list[str], audio, media_urls: list[str],
+                        hold_s: float = 0.0) -> None:
         rt = self.rt
+        if hold_s > 0:
+            await asyncio.sleep(hold_s)
         ttl = b.req.max_duration_s + 600
         if isinstance(audio, np.ndarray):
             path = await asyncio.to_thread(self._write_ogg, b.id, audio)

@@ -73,7 +73,8 @@ class Runtime:
                              on_skip=self._on_skip)
         self.clock = ClockGuard(make_check(cfg.timing.clock_check), jump_threshold_s=cfg.timing.clock_jump_s,
                                 on_sync_change=self._on_sync_change, on_jump=self._on_jump)
-        self.scheduler = ProgrammeScheduler(cfg, store, self._fire_programme, self.emit)
+        self.scheduler = ProgrammeScheduler(cfg, store, self._fire_programme, self.emit,
+                                            lead=lambda p: self.runner.lead_s(p))
         self.devices = None  # controller.devices.Devices: transmitter, RDS, IP link, lightning
         self.tx = None
         self.rds = None

@@ -17,6 +17,7 @@ import structlog
 from apscheduler.events import EVENT_JOB_MISSED, JobExecutionEvent
 from apscheduler.jobstores.memory import MemoryJobStore
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from apscheduler.triggers.base import BaseTrigger
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.date import DateTrigger
 
@@ -27,10 +28,33 @@ log = structlog.get_logger("loaxa.scheduler")
 
 Fire = Callable[[Programme, dt.datetime | None], Awaitable[None]]
 Emit = Callable[..., object]
+Lead = Callable[[Programme], float]
+
+
+class EarlyTrigger(BaseTrigger):
+    """Fires `lead_s` before the inner trigger, so that carrier pre-roll and wake codes are
+    done when the programme is due: the listener hears it on the scheduled second."""
+
+    def __init__(self, inner: BaseTrigger, lead_s: float) -> None:
+        self.inner = inner
+        self.lead = dt.timedelta(seconds=lead_s)
+
+    def get_next_fire_time(self, previous_fire_time, now):
+        prev = previous_fire_time + self.lead if previous_fire_time else None
+        # from `now`, not now + lead: a job added inside the lead window (a reload, a clock
+        # fix) gets a fire time just past, which runs at once rather than tomorrow
+        # and never before the run just fired (CronTrigger would hand the same run back)
+        t = self.inner.get_next_fire_time(prev, max(now, prev + dt.timedelta(microseconds=1)) if prev else now)
+        return t - self.lead if t else None
+
+    def __str__(self) -> str:
+        return f"early[{self.lead.total_seconds():g}s]({self.inner})"
 
 
 class ProgrammeScheduler:
-    def __init__(self, cfg: SiteConfig, store: Store, fire: Fire, emit: Emit) -> None:
+    def __init__(self, cfg: SiteConfig, store: Store, fire: Fire, emit: Emit,
+                 lead: Lead | None = None) -> None:
+        self.lead = lead or (lambda p: 0.0)
         self.cfg = cfg
         self.store = store
         self.fire = fire
@@ -127,13 +151,14 @@ class ProgrammeScheduler:
                     m, h, dom, mon, dow = p.schedule.cron.split()
                     trig = CronTrigger(minute=m, hour=h, day=dom, month=mon, day_of_week=dow,
                                        start_date=p.valid_from, end_date=p.valid_until, timezone=self.tz)
-                    self._add(p, trig, p.id)
+                    self._add(p, EarlyTrigger(trig, self.lead(p)), p.id)
                 else:
                     for i, at in enumerate(p.schedule.at or []):
                         at = at if at.tzinfo else at.replace(tzinfo=self.tz)
                         if at + dt.timedelta(seconds=p.misfire_grace_s) < now or not _valid(p, at):
                             continue
-                        self._add(p, DateTrigger(run_date=at, timezone=self.tz), f"{p.id}@{i}")
+                        early = at - dt.timedelta(seconds=self.lead(p))
+                        self._add(p, DateTrigger(run_date=max(early, now), timezone=self.tz), f"{p.id}@{i}")
         finally:
             self._rebuilding = False
 
@@ -145,8 +170,16 @@ class ProgrammeScheduler:
         )
 
     def next_runs(self, limit: int = 10) -> list[dict]:
+        """The programmes' own times (jobs fire a little earlier, see EarlyTrigger)."""
         jobs = sorted((j for j in self.sched.get_jobs() if j.next_run_time), key=lambda j: j.next_run_time)
-        return [{"programme_id": j.args[0], "at": j.next_run_time.isoformat()} for j in jobs[:limit]]
+        out = []
+        for j in jobs[:limit]:
+            lead = j.trigger.lead if isinstance(j.trigger, EarlyTrigger) else dt.timedelta(0)
+            p = self.programmes().get(j.args[0])
+            if p is not None and p.schedule and p.schedule.at and not isinstance(j.trigger, EarlyTrigger):
+                lead = dt.timedelta(seconds=self.lead(p))
+            out.append({"programme_id": j.args[0], "at": (j.next_run_time + lead).isoformat()})
+        return out
 
     async def _run(self, programme_id: str) -> None:
         p = self.programmes().get(programme_id)
@@ -162,14 +195,16 @@ class ProgrammeScheduler:
             log.exception("programme failed to start", programme=programme_id)
 
     def _scheduled_time(self, p: Programme) -> dt.datetime | None:
-        """The run being executed: the first fire time not older than the grace."""
-        now = dt.datetime.now(self.tz)
+        """The programme time of the run being executed: the job fired `lead` early, maybe
+        up to the grace late, so it is the first programme time after now + lead - grace."""
+        lead = dt.timedelta(seconds=self.lead(p))
+        after = dt.datetime.now(self.tz) + lead - dt.timedelta(seconds=p.misfire_grace_s)
         if p.schedule and p.schedule.cron:
             trig = CronTrigger.from_crontab(p.schedule.cron, timezone=self.tz)
-            return trig.get_next_fire_time(None, now - dt.timedelta(seconds=p.misfire_grace_s))
-        past = [a if a.tzinfo else a.replace(tzinfo=self.tz) for a in (p.schedule.at or [])] if p.schedule else []
-        past = [a for a in past if a <= now]
-        return max(past) if past else None
+            return trig.get_next_fire_time(None, after)
+        times = [a if a.tzinfo else a.replace(tzinfo=self.tz) for a in (p.schedule.at or [])] if p.schedule else []
+        times = sorted(a for a in times if a >= after)
+        return times[0] if times else None
 
     def _on_missed(self, ev: JobExecutionEvent) -> None:
         if self._rebuilding:

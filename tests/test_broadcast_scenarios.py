@@ -189,9 +189,9 @@ def test_scheduled_programme_starts_on_time_on_exactly_its_zone(run_a):
 
     # ground truth: exactly ban-02 played from its scheduled time on (FM by DTMF from the
     # captured air, IP by fetching the media); before it, only the silent programme's zone
-    heard = run_a.started_playing(zone_t - 0.5)
+    heard = run_a.started_playing(zone_t - 2.0)
     assert set(heard) == target, heard
-    assert set(run_a.started_playing(0, zone_t - 0.5)) <= run_a.zone("ban-04")
+    assert set(run_a.started_playing(0, zone_t - 2.0)) <= run_a.zone("ban-04")
     assert not run_a.started_playing(0, silent_t - 0.5), "something played before any schedule"
 
     # the daemon's account agrees with what was heard
@@ -208,11 +208,13 @@ def test_scheduled_programme_starts_on_time_on_exactly_its_zone(run_a):
     # start error: first ground-truth playing minus the scheduled time (a figure, not a bench)
     ip_err = min(t for c, t in heard.items() if c in run_a.ip) - zone_t
     fm_err = min(t for c, t in heard.items() if c in run_a.fm) - zone_t
-    carrier_up = next(x["t"] for x in run_a.transmitter() if x["carrier"] and x["t"] >= zone_t - 0.5)
+    # the job fires early by pre-roll + wake codes + a preparation margin, so the carrier is
+    # up before the scheduled second and the programme itself starts on it
+    carrier_up = next(x["t"] for x in run_a.transmitter() if x["carrier"] and x["t"] >= zone_t - 10)
     print(f"\nstart error vs schedule: carrier {carrier_up - zone_t:+.2f} s, IP {ip_err:+.2f} s, "
           f"FM {fm_err:+.2f} s (pre-roll {run_a.site['transmitter']['preroll_s']} s + wake codes)")
-    assert -0.3 < carrier_up - zone_t < 1.0
-    assert -0.3 < ip_err < 5 and -0.3 < fm_err < 5
+    assert -10 < carrier_up - zone_t < 0
+    assert -1.0 < ip_err < 1.5 and -1.0 < fm_err < 1.5
 
 
 def _segments(x: np.ndarray) -> tuple[list[tuple[str, int]], np.ndarray]:
@@ -318,7 +320,8 @@ def test_dead_air_raises_alarm_fails_broadcast_and_drops_carrier(run_a):
     tx = run_a.transmitter()
     off = next(x["t"] for x in tx if x["t"] >= alarm["_t"] and not x["carrier"])
     assert off - alarm["_t"] < 3.0
-    assert not any(x["carrier"] for x in tx if off <= x["t"] < zone_t - 0.5)
+    # (the next programme fires early by its lead: pre-roll + wake codes + preparation)
+    assert not any(x["carrier"] for x in tx if off <= x["t"] < zone_t - 6)
     # no FM receiver of ban-04 is left on: they stop playing and do not come back with
     # the next programme (checked on the next programme in the test above as well)
     for c in ban04 & run_a.fm:
