@@ -334,7 +334,7 @@ def test_dead_air_raises_alarm_fails_broadcast_and_drops_carrier(run_a):
 @pytest.fixture(scope="module")
 def run_b(tmp_path_factory) -> Run:
     tmp = tmp_path_factory.mktemp("emerg")
-    due_at, due_wall = at(19)
+    due_at, due_wall = at(20)
     site = make_site(tmp / "site.yaml", [
         {"id": "unsynced-notice", "title": "Phát khi đồng hồ chưa đồng bộ",
          "source": {"tts": {"text": "Chương trình này không được phát."}}, "targets": "all",

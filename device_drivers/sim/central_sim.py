@@ -63,6 +63,7 @@ class CentralSim:
         self.sent: dict[str, tuple[str, bytes]] = {}   # request_id -> (command, exact bytes)
         self.last_signed_id: str | None = None   # what a "replay" resends by default
         self.connected = threading.Event()
+        self.gateway_online = threading.Event()  # the gateway's retained status says online
         c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id,
                         protocol=mqtt.MQTTv5)
         if tls:
@@ -106,6 +107,10 @@ class CentralSim:
         payload = bytes(msg.payload)
         if msg.topic.startswith(self.root):
             self.recorder.mqtt(msg.topic, payload, retain=msg.retain, qos=msg.qos)
+            if msg.topic == self.root + "status":
+                st = parse_payload(payload)
+                online = isinstance(st, dict) and st.get("state") == "online"
+                (self.gateway_online.set if online else self.gateway_online.clear)()
         is_resp = msg.topic == self.response_topic or msg.topic.startswith(self.root + "resp/")
         if not is_resp:
             return

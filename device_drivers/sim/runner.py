@@ -39,6 +39,7 @@ log = structlog.get_logger(__name__)
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 EXIT_OK, EXIT_HARNESS, EXIT_INVALID, EXIT_INTERRUPTED = 0, 1, 2, 130
 DAEMON_STOP_S = 5.0
+ONLINE_WAIT_S = 30.0
 
 ASOUND_CONF = """pcm.!default {
     type plug
@@ -285,6 +286,12 @@ class Simulation:
     async def _play(self, cfg: Any, sc: Scenario) -> int:
         rec = self.rec
         pid = self.daemon.start()
+        # t=0 is when the gateway is online at the central server, so a command at 2 s
+        # reaches it even on a slow Pi (the start-up messages are written at t=0)
+        deadline = time.monotonic() + ONLINE_WAIT_S
+        while (not self.central.gateway_online.is_set() and time.monotonic() < deadline
+               and self.daemon.poll() is None and not self.stop_event.is_set()):
+            await asyncio.sleep(0.05)
         rec.start_clock({"start": {
             "site": cfg.site.id, "scenario": str(self.scenario_path), "duration": sc.duration,
             "events": len(sc.events), "daemon_pid": pid, "broker": self.broker.url,
