@@ -74,7 +74,9 @@ class BroadcastRunner:
                     b.reached += fm
                 else:
                     b.unreached += [{"cluster": c, "reason": "transmitter not answering"} for c in fm]
-            await self._align(b, prefix)
+            if await self._align(b, prefix):
+                b.started_at = now_iso()  # the log records when it went on air, not when it fired
+                rt.db_write("UPDATE broadcast_log SET started_at=? WHERE broadcast_id=?", (b.started_at, b.id))
             if ip and not isinstance(audio, np.ndarray):
                 from controller.streams import LiveOggStream
 
@@ -117,15 +119,17 @@ class BroadcastRunner:
         finally:
             await asyncio.shield(self._finish(b, fm, ip, media_urls, carrier_up, rds_alarm))
 
-    async def _align(self, b: Broadcast, prefix: np.ndarray | None) -> None:
+    async def _align(self, b: Broadcast, prefix: np.ndarray | None) -> bool:
         """A scheduled programme fired early (EarlyTrigger): hold the wake codes so that the
-        programme itself begins on its scheduled second."""
+        programme itself begins on its scheduled second. True if it waited."""
         if b.req.scheduled_at is None:
-            return
+            return False
         prefix_s = len(prefix) / self.rt.cfg.audio.sample_rate if prefix is not None else 0.0
         delay = b.req.scheduled_at.timestamp() - prefix_s - time.time()
         if 0 < delay < 60:
             await asyncio.sleep(delay)
+            return True
+        return False
 
     def lead_s(self, p) -> float:
         """How early a scheduled programme must fire: preparation, carrier pre-roll, codes."""
