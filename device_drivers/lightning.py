@@ -17,7 +17,7 @@ import structlog
 
 from device_drivers.profile_codec import ProfileCodec
 from device_drivers.profiles import Profile, load_profile
-from device_drivers.serial_port import SerialTransport
+from device_drivers.serial_port import SerialDevice
 
 log = structlog.get_logger(__name__)
 
@@ -29,7 +29,9 @@ class Strike:
     energy: int | None
 
 
-class LightningSensorDriver:
+class LightningSensorDriver(SerialDevice):
+    device_name = "lightning"
+
     def __init__(self, port_url: str, profile: Profile | str | Path,
                  on_strike: Callable[[Strike], None], *, baud: int | None = None,
                  on_event: Callable[[str, dict[str, Any]], None] | None = None,
@@ -41,25 +43,9 @@ class LightningSensorDriver:
         self.codec = ProfileCodec(self.profile)
         self.on_strike, self.on_event, self.clock = on_strike, on_event, clock
         self.counts: dict[str, int] = {name: 0 for name in self.profile.events} | {"unparsed": 0}
-        t, to = self.profile.transport, self.profile.timeouts
+        t = self.profile.transport
         assert t is not None
-        self.transport = SerialTransport(
-            port_url, t.decoder(), baud=baud or t.baud, parity=t.parity, bytesize=t.bytesize,
-            stopbits=t.stopbits, on_frame=self._on_line, on_event=self._emit,
-            backoff_max_s=to.reconnect_max_s, name="lightning")
-
-    async def start(self) -> None:
-        await self.transport.start()
-
-    async def stop(self) -> None:
-        await self.transport.stop()
-
-    def _emit(self, kind: str, details: dict[str, Any]) -> None:
-        if self.on_event is not None:
-            try:
-                self.on_event(kind, details)
-            except Exception:
-                log.exception("lightning_event_callback_failed", kind=kind)
+        self._open(port_url, self.profile, t.decoder(), baud, on_frame=self._on_line)
 
     def _on_line(self, line: bytes) -> None:
         try:

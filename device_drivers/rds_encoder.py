@@ -21,7 +21,7 @@ import structlog
 
 from device_drivers import uecp
 from device_drivers.profiles import Profile, load_profile
-from device_drivers.serial_port import NoReply, PortUnavailable, SerialTransport
+from device_drivers.serial_port import NoReply, PortUnavailable, SerialDevice
 
 log = structlog.get_logger(__name__)
 
@@ -36,7 +36,9 @@ class RdsUnreachable(ConnectionError):
     """No ACK after every retry, or the port is gone."""
 
 
-class RdsEncoderDriver:
+class RdsEncoderDriver(SerialDevice):
+    device_name = "rds"
+
     def __init__(self, port_url: str, profile: Profile | str | Path, site_address: int | None = None,
                  encoder_address: int | None = None, *, baud: int | None = None,
                  on_event: EventCb | None = None):
@@ -57,24 +59,7 @@ class RdsEncoderDriver:
         self._rt_ab = False
         self._rt_last: str | None = None
         self.sent_frames = 0
-        self.transport = SerialTransport(
-            port_url, uecp.UecpDecoder(), baud=baud or t.baud, parity=t.parity,
-            bytesize=t.bytesize, stopbits=t.stopbits, on_event=self._emit,
-            on_frame=self._unsolicited, min_gap_s=to.min_gap_ms / 1000,
-            backoff_max_s=to.reconnect_max_s, name="rds")
-
-    async def start(self) -> None:
-        await self.transport.start()
-
-    async def stop(self) -> None:
-        await self.transport.stop()
-
-    def _emit(self, kind: str, details: dict[str, Any]) -> None:
-        if self.on_event is not None:
-            try:
-                self.on_event(kind, details)
-            except Exception:
-                log.exception("rds_event_callback_failed", kind=kind)
+        self._open(port_url, self.profile, uecp.UecpDecoder(), baud, on_frame=self._unsolicited)
 
     def _unsolicited(self, frame: uecp.Frame) -> None:
         log.debug("rds_unsolicited_frame", sqc=frame.sqc, elements=len(frame.elements))

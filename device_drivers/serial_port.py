@@ -275,3 +275,34 @@ class SerialTransport:
                               f"{retries + 1} attempt(s) of {timeout:g} s")
             finally:
                 self._last_tx_end = time.monotonic()
+
+
+class SerialDevice:
+    """What the profile-driven serial drivers share: the transport built from the profile's
+    transport and timeouts, start/stop, and an event callback that can never break them."""
+
+    device_name = "device"
+    on_event: Callable[[str, dict[str, Any]], None] | None = None
+
+    def _open(self, port_url: str, profile: Any, decoder: Decoder, baud: int | None, *,
+              on_frame: Callable[[Any], None] | None = None,
+              on_port_event: Callable[[str, dict[str, Any]], None] | None = None) -> None:
+        t, to = profile.transport, profile.timeouts
+        self.transport = SerialTransport(
+            port_url, decoder, baud=baud or t.baud, parity=t.parity, bytesize=t.bytesize,
+            stopbits=t.stopbits, on_frame=on_frame, on_event=on_port_event or self._emit,
+            min_gap_s=to.min_gap_ms / 1000, backoff_max_s=to.reconnect_max_s,
+            name=self.device_name)
+
+    async def start(self) -> None:
+        await self.transport.start()
+
+    async def stop(self) -> None:
+        await self.transport.stop()
+
+    def _emit(self, kind: str, details: dict[str, Any]) -> None:
+        if self.on_event is not None:
+            try:
+                self.on_event(kind, details)
+            except Exception:
+                log.exception("device_event_callback_failed", device=self.device_name, kind=kind)

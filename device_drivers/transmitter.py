@@ -19,7 +19,7 @@ import structlog
 
 from device_drivers.profile_codec import AlarmState, DeviceError, ProfileCodec
 from device_drivers.profiles import Profile, load_profile
-from device_drivers.serial_port import NoReply, PortUnavailable, SerialTransport
+from device_drivers.serial_port import NoReply, PortUnavailable, SerialDevice
 
 log = structlog.get_logger(__name__)
 
@@ -35,7 +35,9 @@ def _profile(p: Profile | str | Path) -> Profile:
     return p if isinstance(p, Profile) else load_profile(p)
 
 
-class TransmitterDriver:
+class TransmitterDriver(SerialDevice):
+    device_name = "transmitter"
+
     def __init__(self, port_url: str, profile: Profile | str | Path, baud: int | None = None, *,
                  on_event: EventCb | None = None):
         self.profile = _profile(profile)
@@ -43,37 +45,20 @@ class TransmitterDriver:
             raise ValueError(f"profile {self.profile.name!r} is a {self.profile.kind} profile, "
                              "not a transmitter")
         self.codec = ProfileCodec(self.profile)
-        t, to = self.profile.transport, self.profile.timeouts
+        t = self.profile.transport
         assert t is not None
         self.on_event = on_event
         self.reachable: bool | None = None  # None until the first exchange
         self.last_error: str | None = None
         self.stats = {"commands": 0, "polls": 0, "no_reply": 0, "device_errors": 0,
                       "parse_errors": 0}
-        self.transport = SerialTransport(
-            port_url, t.decoder(), baud=baud or t.baud, parity=t.parity, bytesize=t.bytesize,
-            stopbits=t.stopbits, on_event=self._port_event, min_gap_s=to.min_gap_ms / 1000,
-            backoff_max_s=to.reconnect_max_s, name="transmitter")
-
-    # ---- lifecycle ----------------------------------------------------------------------
-    async def start(self) -> None:
-        await self.transport.start()
-
-    async def stop(self) -> None:
-        await self.transport.stop()
+        self._open(port_url, self.profile, t.decoder(), baud, on_port_event=self._port_event)
 
     @property
     def port_open(self) -> bool:
         return self.transport.connected
 
     # ---- events ----------------------------------------------------------------------------
-    def _emit(self, kind: str, details: dict[str, Any]) -> None:
-        if self.on_event is not None:
-            try:
-                self.on_event(kind, details)
-            except Exception:
-                log.exception("transmitter_event_callback_failed", kind=kind)
-
     def _port_event(self, kind: str, details: dict[str, Any]) -> None:
         self._emit(kind, details)
         if kind == "port_lost":
