@@ -132,6 +132,7 @@ class Outbox:
         except BaseException:
             if c.in_transaction:  # a failed COMMIT (disk full) may have rolled back already
                 c.execute("ROLLBACK")
+            self._trim_buffer()
             raise  # rows stay buffered; their seqs stay reserved for the retry
         self._buffer = []
         self._db_depth = depth - len(evicted)
@@ -140,6 +141,18 @@ class Outbox:
         for fn in list(self._listeners):
             fn()
         self._maybe_report_drops()
+
+    def _trim_buffer(self) -> None:
+        """While the disk refuses writes, rows wait in memory; past max_rows the oldest
+        droppable ones are shed (as a full outbox does), never durable ones."""
+        excess = len(self._buffer) - self.max_rows
+        if excess <= 0:
+            return
+        shed = {r[0] for r in self._buffer if r[4]}
+        shed = set(sorted(shed)[:excess])
+        if shed:
+            self._buffer = [r for r in self._buffer if r[0] not in shed]
+            self._note_drops(sorted(shed))
 
     def _note_drops(self, seqs: list[int]) -> None:
         self.dropped_total += len(seqs)

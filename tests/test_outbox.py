@@ -137,3 +137,21 @@ def test_invalid_bodies_are_refused_without_using_a_seq(state_dir):
     with pytest.raises(ValueError):
         ob.append("x.y", {"seq": 5})
     assert ob.append("x.y", {})["seq"] == 1
+
+
+def test_memory_stays_bounded_while_the_disk_refuses_writes(state_dir):
+    """Disk full / read-only for a long time: buffered telemetry is shed past the bound,
+    durable events are kept in memory for when the disk comes back."""
+    path = state_dir / "s.db"
+    Store(path).close()
+    ro = Store.__new__(Store)
+    ro.path = path
+    ro.conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
+    ob = Outbox(ro, max_rows=10, batch_max=10_000)
+    for _ in range(30):
+        ob.append("telemetry.rssi", {}, droppable=True)  # buffered (no loop: no timer flush)
+    with pytest.raises(sqlite3.OperationalError):
+        ob.append("alarm.test", {})  # a durable append flushes, and the disk refuses
+    assert len(ob._buffer) == 10
+    assert ob.dropped_total == 21  # 31 rows, 10 kept: the durable one and the 9 newest
+    assert [r[2] for r in ob._buffer][-1] == "alarm.test"
