@@ -46,7 +46,6 @@ class BroadcastRunner:
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
         self.fm_awake: set[str] = set()  # FM clusters whose amplifiers we switched on
-        self.start_errors: list[float] = []  # first sample on air - scheduled time (s), for bench
 
     # ---- the engine calls this ----------------------------------------
     async def __call__(self, b: Broadcast) -> None:
@@ -197,8 +196,6 @@ class BroadcastRunner:
         def on_started(t_mono: float) -> None:
             programme_starts[0] = t_mono + prefix_s
             wall_at = time.time() + (t_mono - time.monotonic())
-            if b.req.scheduled_at is not None:
-                self.start_errors.append(wall_at - b.req.scheduled_at.timestamp())
             # one line per broadcast: bench/broadcast_timing.py reads when the air got it
             log.info("on air", broadcast=b.id, priority=b.req.priority, first_sample_at=round(wall_at, 4),
                      wake_codes_s=round(prefix_s, 3),
